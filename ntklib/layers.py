@@ -29,8 +29,9 @@ For a convolution ``fan_in = F · C_in`` (filter size times input channels).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -294,8 +295,9 @@ class Serial:
 
     def check_params(self, params):
         if not isinstance(params, (tuple, list)) or len(params) != len(self.layers):
+            length = len(params) if hasattr(params, "__len__") else "?"
             raise ValueError(f"params must be a tuple with one entry per layer ({len(self.layers)}), "
-                             f"got {type(params).__name__} of length {len(params) if hasattr(params, '__len__') else '?'}")
+                             f"got {type(params).__name__} of length {length}")
 
     def apply(self, params, x):
         """Network output ``f(x) = h^{L+1}(x)``, shape ``(N, O)`` for an MLP."""
