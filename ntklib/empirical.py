@@ -259,19 +259,27 @@ def _layer_shapes(net: Serial, params, x):
 def method_costs(f, params, x1, x2=None, *, trace_axes=(-1,)):
     """Analytic multiply-add counts of each method (the model ``method="auto"`` minimises).
 
-    With ``FP`` the forward multiply-adds of one example and ``P`` the
-    parameter count (for a plain callable ``FP ≈ P``, the dense estimate):
+    ``FP`` is the forward multiply-adds of one example (for a plain callable
+    ``FP ≈ P``, the dense estimate), ``P`` the parameter count, ``M = N1`` when
+    ``x2`` is ``None`` (one set of derivatives serves both sides) and
+    ``N1 + N2`` otherwise, ``Ō = O`` for the traced kernel and ``O²`` for the
+    full one. A reverse pass that also returns weight cotangents costs ``2·FP``,
+    one that only carries input cotangents ``FP``.
 
-    * JC: ``(N1+N2)·O·FP + N1·N2·O²·P`` (``O`` instead of ``O²`` when traced);
-    * NTK-VP: ``N2·O·FP + N1·N2·O·FP``;
-    * SD: ``(N1+N2)·O·FP`` plus, per layer, ``N1·N2·(n_in + O²·n_out)`` for a
-      dense layer and the cheaper order of :func:`conv_costs` for a convolution.
+    * JC: ``M·FP + M·O·2FP + N1·N2·Ō·P`` (forward, ``O`` full reverse passes per
+      example, contraction);
+    * NTK-VP: ``N2·O·2FP + N1·N2·O·2FP`` (columns ``J2ᵀe``, then ``J1 v`` by
+      forward mode for every column);
+    * SD: ``M·FP + M·O·FP`` (forward and cotangent passes) plus, per layer,
+      ``N1·N2·(n_in + Ō·n_out)`` for a dense layer and the cheaper order of
+      :func:`conv_costs` for a convolution.
     """
     trace = _normalise_trace_axes(trace_axes)
     x1 = jnp.asarray(x1)
-    x2 = x1 if x2 is None else jnp.asarray(x2)
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else jnp.asarray(x2).shape[0]
+    m = n1 if x2 is None else n1 + n2
     fn = f.apply if isinstance(f, Serial) else f
-    n1, n2 = x1.shape[0], x2.shape[0]
     o = jax.eval_shape(fn, params, x1[:1]).shape[-1]
     p = sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     oo = o if trace else o * o
@@ -282,15 +290,18 @@ def method_costs(f, params, x1, x2=None, *, trace_axes=(-1,)):
             if isinstance(layer, Conv):
                 d, kf, c = s_out[1] * s_out[2], layer.filter_size * s_in[-1], s_out[-1]
                 fp += d * kf * c
-                sd += min(conv_costs(n1, n2, o, d, kf, c, trace).values())
+                orders = conv_costs(n1, n2, o, d, kf, c, trace)
+                if x2 is None:  # the layer Jacobian of x1 serves both sides
+                    orders["jacobian"] -= n2 * o * d * kf * c
+                sd += min(orders.values())
             else:
                 fp += s_in[-1] * s_out[-1]
                 sd += n1 * n2 * (s_in[-1] + oo * s_out[-1])
-        costs["structured_derivatives"] = (n1 + n2) * o * fp + sd
+        costs["structured_derivatives"] = m * fp + m * o * fp + sd
     else:
         fp = p
-    costs["jacobian_contraction"] = (n1 + n2) * o * fp + n1 * n2 * oo * p
-    costs["ntk_vector_products"] = n2 * o * fp + n1 * n2 * o * fp
+    costs["jacobian_contraction"] = m * fp + m * o * 2 * fp + n1 * n2 * oo * p
+    costs["ntk_vector_products"] = n2 * o * 2 * fp + n1 * n2 * o * 2 * fp
     return costs
 
 
