@@ -153,17 +153,19 @@ def test_sharded_over_four_cpu_devices_equals_unblocked():
         jax.config.update("jax_enable_x64", True)
         import ntklib as nl
         assert len(jax.devices()) == 4, jax.devices()
-        for net, shape in [(nl.mlp([8, 8], 3, "erf", b_std=0.2), (-1, 4)),
-                           (nl.cnn([3, 4], 2, "relu"), (-1, 5, 5, 2))]:
+        # The CNN is the case XLA's SPMD partitioner got wrong (see ntklib.empirical._blocked).
+        cases = [(nl.cnn([3, 4], 2, "relu"), (-1, 5, 5, 2), ["jacobian_contraction", "ntk_vector_products",
+                                                              "structured_derivatives"], ()),
+                 (nl.mlp([8, 8], 3, "erf", b_std=0.2), (-1, 4), ["structured_derivatives"], (-1,))]
+        for net, shape, methods, tr in cases:
             _, p = net.init(jax.random.PRNGKey(0), shape)
             x1 = jax.random.normal(jax.random.PRNGKey(1), (11, *shape[1:]))
             x2 = jax.random.normal(jax.random.PRNGKey(2), (7, *shape[1:]))
-            for tr in [(), (-1,)]:
-                ref = nl.empirical_ntk(net, p, x1, x2, trace_axes=tr, method="jacobian_contraction")
-                for m in ["jacobian_contraction", "ntk_vector_products", "structured_derivatives"]:
-                    k = nl.empirical_ntk(net, p, x1, x2, trace_axes=tr, batch_size=3, method=m)
-                    err = float(jnp.linalg.norm(k - ref) / jnp.linalg.norm(ref))
-                    assert err <= 1e-14, (m, tr, err)
+            ref = nl.empirical_ntk(net, p, x1, x2, trace_axes=tr, method="jacobian_contraction")
+            for m in methods:
+                k = nl.empirical_ntk(net, p, x1, x2, trace_axes=tr, batch_size=3, method=m)
+                err = float(jnp.linalg.norm(k - ref) / jnp.linalg.norm(ref))
+                assert err <= 1e-14, (m, tr, err)
         print("sharded ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
