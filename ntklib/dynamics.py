@@ -449,12 +449,16 @@ def train_gradient_descent(f, params0, x_train, y_train, learning_rate, steps: i
     if record_steps[-1] != steps:
         record_steps.append(steps)
 
-    from tqdm.auto import tqdm
+    show = _show_progress(progress)
+    if show:  # notebook-aware bar only when shown: tqdm.auto warns in notebooks without ipywidgets
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     params, params_lin = params0, params0
     inv_m = _inv_m(normalization, y)
     records = [_record_jit(f, record_ntk, ntk_method, inv_m, params0, params, params_lin, x, y, x_test)]
-    with tqdm(total=steps, unit="step", desc="gradient descent", disable=not _show_progress(progress)) as bar:
+    with tqdm(total=steps, unit="step", desc="gradient descent", disable=not show) as bar:
         for prev, nxt in zip(record_steps[:-1], record_steps[1:]):
             params, params_lin = _gd_advance(f, nxt - prev, inv_m, params0, params, params_lin, x, y, lr)
             records.append(_record_jit(f, record_ntk, ntk_method, inv_m, params0, params, params_lin, x, y, x_test))
