@@ -5,6 +5,7 @@ the caller chooses the dtype (enable ``jax_enable_x64`` yourself for float64).
 """
 
 from .analytic import ANALYTIC_ACTIVATIONS, Kernels, infinite_width_kernels, kernels_of
+from .convergence import DescentDiagnostics, cross_ntk, descent_diagnostics, gauss_legendre, ntk_eigenvalues
 from .dynamics import (
     NORMALIZATIONS,
     Trajectory,
@@ -44,10 +45,38 @@ from .layers import (
     mlp,
     serial,
 )
+from .local_lipschitz import (
+    LayerSignals,
+    PairStatistics,
+    binomial_interval,
+    gaussian_singular_values,
+    layer_signals,
+    operator_norm,
+    pair_statistics,
+    sample_pair,
+    vershynin_bounds,
+)
+from .theorem41 import Theorem41Sups, theorem_4_1_sups
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Theorem41Sups",
+    "theorem_4_1_sups",
+    "cross_ntk",
+    "DescentDiagnostics",
+    "descent_diagnostics",
+    "gauss_legendre",
+    "ntk_eigenvalues",
+    "binomial_interval",
+    "gaussian_singular_values",
+    "layer_signals",
+    "LayerSignals",
+    "operator_norm",
+    "pair_statistics",
+    "PairStatistics",
+    "sample_pair",
+    "vershynin_bounds",
     "Activation",
     "activation",
     "ANALYTIC_ACTIVATIONS",

@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree as ravel_flat
 
 from .empirical import METHODS, _as_array, _check_params_fit, empirical_ntk, method_costs
 from .layers import Conv, Dense, Serial
@@ -488,22 +487,24 @@ def _flow_solve(f, record_ntk, ntk_method, solver, max_steps, show, inv_m, param
                 atol):
     import diffrax
 
-    # The ODE state is one (2, P) array: row 0 the network's θ, row 1 the linearized model's (ravel_pytree order).
-    flat0, unravel = ravel_flat(params0)
-    lr_flat = ravel_flat(jax.tree_util.tree_map(lambda r, p: jnp.broadcast_to(r, jnp.shape(p)), lr, params0))[0]
+    # The ODE state is a pair of leaf lists: the network's θ and the linearized model's, leaf by leaf. (A flat
+    # ravel_pytree vector made every matmul of the vector field operate on slices of one long array, which
+    # XLA:CPU runs tens of times slower inside the solver loop once the width reaches a few hundred.)
+    leaves0, treedef = jax.tree_util.tree_flatten(params0)
+    lr_leaves = jax.tree_util.tree_leaves(lr)
 
     def vector_field(t, state, args):
-        g, gl = _gradients(f, inv_m, params0, unravel(state[0]), unravel(state[1]), x, y)
-        return -lr_flat * jnp.stack([ravel_flat(g)[0], ravel_flat(gl)[0]])
+        g, gl = _gradients(f, inv_m, params0, treedef.unflatten(state[0]), treedef.unflatten(state[1]), x, y)
+        return tuple([-r * a for r, a in zip(lr_leaves, jax.tree_util.tree_leaves(d))] for d in (g, gl))
 
     meter = diffrax.TqdmProgressMeter() if show else diffrax.NoProgressMeter()
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field), solver, t0=jnp.zeros((), times.dtype), t1=times[-1], dt0=None,
-        y0=jnp.stack([flat0, flat0]), saveat=diffrax.SaveAt(ts=times),
+        y0=(list(leaves0), list(leaves0)), saveat=diffrax.SaveAt(ts=times),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps, progress_meter=meter)
-    recs = jax.lax.map(lambda s: _record(f, record_ntk, ntk_method, inv_m, params0, unravel(s[0]), unravel(s[1]),
-                                         x, y, x_test), sol.ys)
-    last = (unravel(sol.ys[-1, 0]), unravel(sol.ys[-1, 1]))
+    recs = jax.lax.map(lambda s: _record(f, record_ntk, ntk_method, inv_m, params0, treedef.unflatten(s[0]),
+                                         treedef.unflatten(s[1]), x, y, x_test), sol.ys)
+    last = tuple(treedef.unflatten([a[-1] for a in s]) for s in sol.ys)
     return recs, last, sol.stats["num_accepted_steps"]
 
 
