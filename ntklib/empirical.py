@@ -102,6 +102,34 @@ def _output_shape(fn, params, x, name):
     return out.shape[1]
 
 
+_VALIDATED: set = set()  # signatures (network, parameter shapes, input shape, dtype) already checked
+
+
+def _signature(f, params, x):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return (f, treedef, tuple((tuple(np.shape(a)), str(getattr(a, "dtype", ""))) for a in leaves),
+            tuple(x.shape[1:]), str(x.dtype))
+
+
+def _check_params_fit_cached(net, params, x):
+    """:func:`_check_params_fit`, done once per signature: its ``eval_shape`` costs ~10 ms a call."""
+    key = ("params", *_signature(net, params, x))
+    if key not in _VALIDATED:
+        _check_params_fit(net, params, x)
+        _VALIDATED.add(key)
+
+
+def _output_shape_cached(fn, params, x):
+    try:
+        key = ("output", *_signature(fn, params, x))
+        hash(key)
+    except TypeError:  # an unhashable callable: check every time
+        return _output_shape(fn, params, x, "x1")
+    if key not in _VALIDATED:
+        _output_shape(fn, params, x, "x1")
+        _VALIDATED.add(key)
+
+
 # --------------------------------------------------------------------------- three methods on one block
 
 def _per_example_jacobian(fn, params, x):
@@ -432,8 +460,8 @@ def empirical_ntk(f, params, x1, x2=None, *, method="auto", trace_axes=(-1,), ba
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size <= 0):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if isinstance(f, Serial):
-        _check_params_fit(f, params, x1)
-    _output_shape(net_fn, params, x1, "x1")
+        _check_params_fit_cached(f, params, x1)
+    _output_shape_cached(net_fn, params, x1)
     if method == "auto":
         costs = method_costs(f, params, x1, x2, trace_axes=trace_axes)
         method = min(costs, key=costs.get)
