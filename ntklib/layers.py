@@ -90,6 +90,23 @@ def _draw(key, shape, dtype, scale, init, fan_in, fan_out):
     return scale * jax.random.normal(key, shape, dtype)
 
 
+def _weight_scales(layer, fan_in: int) -> tuple[float, float]:
+    """``(c_w, c_b)``: the layer uses ``W = c_w · params["W"]``, ``b = c_b · params["b"]``.
+
+    NTK parametrization (2.1): ``(σ_w/√fan_in, σ_b)``; standard (A.1): ``(1, 1)``.
+    """
+    if layer.parametrization == "ntk":
+        return layer.W_std / math.sqrt(fan_in), layer.b_std
+    return 1.0, 1.0
+
+
+def _init_stds(layer, fan_in: int) -> tuple[float, float]:
+    """Standard deviations of the drawn ``params["W"]``, ``params["b"]``: the complement of :func:`_weight_scales`."""
+    if layer.parametrization == "ntk":
+        return 1.0, 1.0
+    return layer.W_std / math.sqrt(fan_in), layer.b_std
+
+
 def _check_params(name: str, params, w_shape: tuple, b_shape: tuple):
     if not isinstance(params, dict) or set(params) != {"W", "b"}:
         raise ValueError(f"{name}: params must be a dict with keys 'W' and 'b', got {type(params).__name__} "
@@ -126,18 +143,13 @@ class Dense:
 
     def scales(self, fan_in: int) -> tuple[float, float]:
         """``(c_w, c_b)`` with ``W_used = c_w · params["W"]``, ``b_used = c_b · params["b"]``."""
-        if self.parametrization == "ntk":
-            return self.W_std / math.sqrt(fan_in), self.b_std
-        return 1.0, 1.0
+        return _weight_scales(self, fan_in)
 
     def init(self, key, input_shape, dtype=None):
         n, n_in = _check_shape(input_shape, 2, "Dense")
         dtype = dtype or jnp.zeros(()).dtype
         kw, kb = jax.random.split(key)
-        if self.parametrization == "ntk":
-            w_scale, b_scale = 1.0, 1.0
-        else:
-            w_scale, b_scale = self.W_std / math.sqrt(n_in), self.b_std
+        w_scale, b_scale = _init_stds(self, n_in)
         W = _draw(kw, (n_in, self.out_dim), dtype, w_scale, self.init_scheme, n_in, self.out_dim)
         b = _draw(kb, (self.out_dim,), dtype, b_scale, self.init_scheme, n_in, self.out_dim)
         return (n, self.out_dim), {"W": W, "b": b}
@@ -187,9 +199,7 @@ class Conv:
 
     def scales(self, fan_in: int) -> tuple[float, float]:
         """``(c_w, c_b)`` as for :meth:`Dense.scales`, ``fan_in = F · C_in``."""
-        if self.parametrization == "ntk":
-            return self.W_std / math.sqrt(fan_in), self.b_std
-        return 1.0, 1.0
+        return _weight_scales(self, fan_in)
 
     def init(self, key, input_shape, dtype=None):
         n, h, w, c_in = _check_shape(input_shape, 4, "Conv")
@@ -197,10 +207,7 @@ class Conv:
         fan_in = self.filter_size * c_in
         fan_out = self.filter_size * self.out_channels
         kw, kb = jax.random.split(key)
-        if self.parametrization == "ntk":
-            w_scale, b_scale = 1.0, 1.0
-        else:
-            w_scale, b_scale = self.W_std / math.sqrt(fan_in), self.b_std
+        w_scale, b_scale = _init_stds(self, fan_in)
         W = _draw(kw, (*self.filter_shape, c_in, self.out_channels), dtype, w_scale, self.init_scheme, fan_in, fan_out)
         b = _draw(kb, (self.out_channels,), dtype, b_scale, self.init_scheme, fan_in, fan_out)
         return (n, h, w, self.out_channels), {"W": W, "b": b}
