@@ -222,6 +222,9 @@ def test_math_typeset_in_chromium(built_book, chapter):
     assert len(containers) >= n_math, f"{chapter}: {len(containers)} mjx-container for {n_math} math elements"
     untypeset = [m for m in dom.select(".math") if not m.find("mjx-container")]
     assert not untypeset, f"{chapter}: math left untypeset: {[m.get_text()[:60] for m in untypeset[:5]]}"
+    # A TeX error still yields an mjx-container, holding an <mjx-merror data-mjx-error="..."> box.
+    errors = [e["data-mjx-error"] for e in dom.find_all(attrs={"data-mjx-error": True})]
+    assert not errors, f"{chapter}: MathJax could not typeset {len(errors)} formula(s): {errors[:5]}"
     for tag in dom.find_all(["script", "style", "noscript", "mjx-container", "template"]):
         tag.decompose()
     text = dom.get_text(" ")
